@@ -18,6 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from dta_ttfs.errors import UserError
 from dta_ttfs.functional import DEFAULT_CAP
 from dta_ttfs.layers import (
     DTAConv,
@@ -62,39 +63,39 @@ class ArchSpec:
         """Validate a name from :data:`ARCHITECTURES` or a custom spec dict."""
         if isinstance(arch, str):
             if arch not in ARCHITECTURES:
-                raise ValueError(
+                raise UserError(
                     f"unknown architecture {arch!r}: use one of {sorted(ARCHITECTURES)} "
                     "or a custom spec {'convs': [16, 'M', 32, 'M'], 'linears': [128]}"
                 )
             return cls.parse({**ARCHITECTURES[arch], "name": arch})
         if not isinstance(arch, dict):
-            raise ValueError(f"architecture must be a name or a dict spec, got {type(arch).__name__}")
+            raise UserError(f"architecture must be a name or a dict spec, got {type(arch).__name__}")
         unknown = set(arch) - {"convs", "linears", "padding", "kernel_size", "name"}
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"malformed architecture spec: unknown keys {sorted(unknown)}; "
                 "allowed: convs, linears, padding, kernel_size, name"
             )
         convs, linears = arch.get("convs"), arch.get("linears", [])
         if not isinstance(convs, (list, tuple)) or not convs:
-            raise ValueError(
+            raise UserError(
                 "malformed architecture spec: 'convs' must be a non-empty list of conv widths "
                 "and 'M' (pooling), for example [16, 'M', 32, 'M']"
             )
         for c in convs:
             if not (c == "M" or (isinstance(c, int) and not isinstance(c, bool) and c > 0)):
-                raise ValueError(
+                raise UserError(
                     f"malformed architecture spec: conv entry {c!r} is neither a positive int nor 'M'"
                 )
         if not isinstance(convs[0], int):
-            raise ValueError("malformed architecture spec: 'convs' must start with a conv width (the encoding layer)")
+            raise UserError("malformed architecture spec: 'convs' must start with a conv width (the encoding layer)")
         if not isinstance(linears, (list, tuple)) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in linears
         ):
-            raise ValueError(f"malformed architecture spec: 'linears' must be a list of positive ints, got {linears!r}")
+            raise UserError(f"malformed architecture spec: 'linears' must be a list of positive ints, got {linears!r}")
         padding, kernel = arch.get("padding", 1), arch.get("kernel_size", 3)
         if not (isinstance(padding, int) and padding >= 0 and isinstance(kernel, int) and kernel >= 1):
-            raise ValueError("malformed architecture spec: 'padding' must be an int >= 0 and 'kernel_size' an int >= 1")
+            raise UserError("malformed architecture spec: 'padding' must be an int >= 0 and 'kernel_size' an int >= 1")
         return cls(tuple(convs), tuple(linears), padding, kernel, str(arch.get("name", "custom")))
 
 
@@ -157,7 +158,7 @@ def build_network(
     unknown name, a malformed spec, or an image that the pools shrink to nothing.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown network kind {kind!r}: use 'ann' or 'snn'")
+        raise UserError(f"unknown network kind {kind!r}: use 'ann' or 'snn'")
     spec = ArchSpec.parse(arch)
     blocks: list[nn.Module] = []
     channels, size = in_channels, image_size
@@ -175,7 +176,7 @@ def build_network(
             blocks.append(block)
             channels, size = entry, size + 2 * spec.padding - spec.kernel_size + 1
         if size < 1:
-            raise ValueError(
+            raise UserError(
                 f"architecture {spec.name!r} shrinks a {image_size}x{image_size} image to nothing "
                 f"(at {entry!r}); use a larger image_size or fewer 'M'/unpadded convs"
             )
@@ -198,3 +199,23 @@ def count_neurons(model: Network, x: Tensor) -> dict[str, int]:
     spiking = sum(a[0].numel() for a in acts)
     readout = logits[0].numel()
     return {"spiking": spiking, "readout": readout, "total": spiking + readout}
+
+
+NETWORK_HPARAMS = ("arch", "in_channels", "image_size", "num_classes", "cap")
+
+
+def network_from_checkpoint(path: str, kind: str = "snn") -> Network:
+    """Rebuild a network from a dta-ttfs Lightning checkpoint (loaded with ``weights_only=True``).
+
+    The architecture comes from the checkpoint's hyper-parameters (``arch``, ``in_channels``,
+    ``image_size``, ``num_classes``, ``cap``) and the weights from its ``net.*`` entries.
+    """
+    from dta_ttfs.serialization import network_state, safe_load
+
+    ckpt = safe_load(path)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "arch" not in hp:
+        raise UserError(f"{path!r} is not a dta-ttfs Lightning checkpoint (no 'hyper_parameters' with 'arch')")
+    net = build_network(kind=kind, **{k: hp[k] for k in NETWORK_HPARAMS if k in hp})
+    net.load_state_dict(network_state(ckpt), strict=True)
+    return net
