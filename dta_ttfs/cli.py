@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.plugins.io import CheckpointIO
 
+from dta_ttfs.callbacks import AtomicCheckpointIO, InterruptCheckpoint, ResumeRNGState, StageCheckpoint
 from dta_ttfs.data import TTFSDataModule
 from dta_ttfs.errors import UserError
 from dta_ttfs.models import ArchSpec
@@ -25,21 +27,6 @@ from dta_ttfs.stages import SNNStage, TTFSStage
 
 CHECKPOINT_ROOT = "checkpoints"
 LOG_ROOT = "logs"
-
-
-class StageCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` plus the best epoch by ``val/acc``, under ``checkpoints/<run name>/``."""
-
-    def __init__(self, dirpath: str, **kwargs: Any):
-        kwargs = {
-            "monitor": "val/acc",
-            "mode": "max",
-            "save_last": True,
-            "filename": "epoch{epoch:03d}-val_acc{val/acc:.4f}",
-            "auto_insert_metric_name": False,
-            **kwargs,
-        }
-        super().__init__(dirpath=dirpath, **kwargs)
 
 
 class KeepingSaveConfigCallback(SaveConfigCallback):
@@ -123,8 +110,11 @@ class TTFSCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         name = run_name(cfg.data.dataset, cfg.model.init_args.arch, cfg.model.class_path)
+        ckpt_dir = os.path.join(CHECKPOINT_ROOT, name)
         self.trainer_defaults["callbacks"] = [
-            StageCheckpoint(dirpath=os.path.join(CHECKPOINT_ROOT, name)),
+            StageCheckpoint(dirpath=ckpt_dir),
+            InterruptCheckpoint(dirpath=ckpt_dir),
+            ResumeRNGState(),
             LearningRateMonitor(logging_interval="epoch"),
         ]
         logger = cfg.trainer.get("logger")
@@ -135,6 +125,14 @@ class TTFSCLI(LightningCLI):
             if resume and logger.init_args.get("version") is None:
                 logger.init_args.version = resume.get("log_version")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        """Use :class:`AtomicCheckpointIO` unless the config names another checkpoint writer."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
     def before_fit(self) -> None:
         """SNN hand-off on a fresh fit: load the ANN weights, then validate them once as an SNN."""
         model = self.model
@@ -144,10 +142,24 @@ class TTFSCLI(LightningCLI):
         self.trainer.validate(model, datamodule=self.datamodule)
 
 
+def _find_user_error(exc: BaseException | None) -> UserError | None:
+    """The UserError behind ``exc`` (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def cli_main(args: list[str] | None = None) -> TTFSCLI | None:
     """Run the CLI; bad input ends with one ``error:`` line and exit status 2."""
     try:
         return TTFSCLI(args=args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        user_error = _find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None

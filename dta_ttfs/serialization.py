@@ -24,10 +24,16 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = str(exc)
+        detail = message.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0][:160] if detail else type(exc).__name__
+        if "Unsupported global" in message:
+            raise UserError(
+                f"refusing to load {what} {path!r}: it holds more than plain weights and could run code "
+                f"({detail}); re-save it as a state_dict of tensors"
+            ) from None
         raise UserError(
-            f"refusing to load {what} {path!r}: it holds more than plain weights and could run code "
-            f"({first[:160]}); re-save it as a state_dict of tensors"
+            f"{what} {path!r} is not a readable torch file ({detail}); point to a complete .ckpt/.pt file"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
