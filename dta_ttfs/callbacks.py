@@ -79,7 +79,7 @@ class InterruptCheckpoint(Callback):
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
             return
         path = os.path.join(self.dirpath, f"interrupted-epoch{trainer.current_epoch}-step{trainer.global_step}.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, optimizer included
         rank_zero_info(f"interrupted: saved {path}; continue with: fit ... --ckpt_path {path}")
 
 

@@ -9,6 +9,7 @@ learning-rate monitor and a progress bar. Values given on the command line (flag
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dta_ttfs.callbacks import AtomicCheckpointIO, InterruptCheckpoint, ResumeRNGState, StageCheckpoint
 from dta_ttfs.data import TTFSDataModule
@@ -71,6 +73,11 @@ class TTFSCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.set_defaults(weights_only=True)  # --ckpt_path is only ever read with weights_only=True
+        return parser
 
     # -------------------------------------------------------------- --ckpt_path
     def _parse_ckpt_path(self) -> None:
@@ -157,6 +164,8 @@ def cli_main(args: list[str] | None = None) -> TTFSCLI | None:
     """Run the CLI; bad input ends with one ``error:`` line and exit status 2."""
     try:
         return TTFSCLI(args=args)
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None  # stopped by SIGTERM: a checkpoint was saved
     except ValueError as exc:
         user_error = _find_user_error(exc)
         if user_error is None:

@@ -64,10 +64,13 @@ class TTFSStage(pl.LightningModule):
         self.arch_name = ArchSpec.parse(arch).name
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        acc = {"acc": MulticlassAccuracy(num_classes, average="micro")}
-        if num_classes > 10:
-            acc["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        self.acc = SplitDict({s: MetricCollection(acc, prefix=f"{s}/") for s in ("train", "val", "test")})
+        def accuracy(split: str) -> MetricCollection:
+            acc = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+            if num_classes > 10:
+                acc["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            return MetricCollection(acc, prefix=f"{split}/")
+
+        self.acc = SplitDict({s: accuracy(s) for s in ("train", "val", "test")})
         self.loss = SplitDict({s: MeanMetric() for s in ("train", "val", "test")})
 
     # ------------------------------------------------------------------ steps

@@ -227,3 +227,13 @@ def test_mnist_ann_config_on_real_mnist(real_data_dir, tmp_path, monkeypatch):
          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
     )  # fmt: skip
     assert cli.trainer.callback_metrics["val/acc"] >= 0.95
+
+
+def test_logged_val_acc_equals_an_independent_validation(in_work):
+    """The accuracy logged during fit is the validation set's alone (no training samples mixed in)."""
+    fit_log = in_work["ann"].trainer.logger.log_dir
+    logged = scalars(fit_log, "val/acc")[-1][1]
+    ann_last = str(in_work["ann_ckpt"])
+    again = cli_main(["validate", "-c", cfg("mnist/ann.yaml"), *tiny_flags(in_work["data"]), "--ckpt_path", ann_last])
+    assert abs(again.trainer.callback_metrics["val/acc"].item() - logged) <= 1e-6
+    assert again.model.acc["train"]["train/acc"] is not again.model.acc["val"]["val/acc"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -142,7 +141,7 @@ def test_signal_mid_epoch_leaves_a_resumable_checkpoint(sig, tiny_mnist, tmp_pat
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "resuming mid-epoch" in resume.stderr + resume.stdout
     final = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
-    assert final["epoch"] == epoch and final["global_step"] > step
+    assert final["global_step"] == (epoch + 1) * 250  # the interrupted epoch was finished, the count went on
 
 
 # ------------------------------------------------------------------ crash while saving
