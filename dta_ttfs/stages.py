@@ -165,14 +165,20 @@ class SNNStage(TTFSStage):
         cap: float | None = DEFAULT_CAP,
         engine: str = "proxy",
         dt: float = 1 / 64,
+        pictures_every_n_epochs: int = 1,
     ):
         engines.check_engine(engine)
+        if pictures_every_n_epochs < 0:
+            raise UserError(f"pictures_every_n_epochs must be >= 0 (0 = off), got {pictures_every_n_epochs}")
         engines.check_dt(dt)
         super().__init__(arch, num_classes, in_channels, image_size, optimizer, lr_scheduler, cap=cap)
         self.ann_checkpoint = ann_checkpoint
         self.engine = engine
         self.dt = dt
         self._ann_loaded = False
+        self.pictures_every_n_epochs = pictures_every_n_epochs
+        self._val_epochs = 0
+        self._picture_sample: list[Tensor] | None = None  # spike times of the first validation sample
         layers = len(self.net.neuron_layers())
         self.spikes = SplitDict({s: SpikeStats(layers) for s in ("train", "val", "test")})
         self.deploy = SplitDict(
@@ -262,6 +268,8 @@ class SNNStage(TTFSStage):
             self._log_deployment(split, out, proxy_logits, y)
             logits, spike_times = out.logits, out.spike_times
         self.spikes[split].update(spike_times)
+        if split == "val" and self._picture_sample is None:
+            self._picture_sample = [t[0].detach().cpu() for t in spike_times]  # the loader is not shuffled
         return logits
 
     def _log_deployment(self, split: str, out: engines.EngineOutput, proxy_logits: Tensor, y: Tensor) -> None:
@@ -275,7 +283,7 @@ class SNNStage(TTFSStage):
             self.first_spike_acc[split](out.first_spike, y)
             self.log(f"{split}/acc_first_spike", self.first_spike_acc[split], on_step=False, on_epoch=True)
 
-    def _log_spike_stats(self, split: str) -> None:
+    def _log_spike_stats(self, split: str) -> dict[str, Tensor]:
         stats = self.spikes[split].compute()
         self.log(f"{split}/spikes_per_neuron", stats["spikes_per_neuron"].float(), sync_dist=False)
         for (name, _), rate, time in zip(self.net.neuron_layers(), stats["fire_rate"], stats["spike_time"]):
@@ -286,12 +294,56 @@ class SNNStage(TTFSStage):
             ratio = self.deploy[split]["energy_uj"].compute() / engines.ann_energy_uj(self.net)
             self.log(f"{split}/energy_ratio", ratio.float())
         self.spikes[split].reset()
+        return stats
 
     def on_train_epoch_end(self) -> None:
         self._log_spike_stats("train")
 
+    def on_validation_epoch_start(self) -> None:
+        self._picture_sample = None
+
     def on_validation_epoch_end(self) -> None:
-        self._log_spike_stats("val")
+        stats = self._log_spike_stats("val")
+        if self.trainer.sanity_checking:
+            return
+        self._val_epochs += 1
+        n = self.pictures_every_n_epochs
+        if n and (self._val_epochs - 1) % n == 0 and self.trainer.is_global_zero:
+            self._log_pictures(stats)
+
+    def _log_pictures(self, stats: dict[str, Tensor]) -> None:
+        """Spike-time histograms, one sample's spike-time maps and fire rate by depth, to TensorBoard."""
+        writer = getattr(self.logger, "experiment", None)
+        if not hasattr(writer, "add_histogram_raw"):
+            return
+        from dta_ttfs import figures
+
+        step = self.global_step
+        names = [name for name, _ in self.net.neuron_layers()]
+        bins = stats["hist"].shape[1]
+        limits = [(i + 1) / bins for i in range(bins)]
+        centers = torch.tensor([(i + 0.5) / bins for i in range(bins)], dtype=torch.float64)
+        for name, counts in zip(names, stats["hist"].cpu()):
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            nonzero = torch.nonzero(counts).flatten()
+            writer.add_histogram_raw(
+                f"val/spike_times/{name}",
+                min=float(nonzero[0]) / bins,
+                max=float(nonzero[-1] + 1) / bins,
+                num=total,
+                sum=float((counts.double() * centers).sum()),
+                sum_squares=float((counts.double() * centers**2).sum()),
+                bucket_limits=limits,
+                bucket_counts=counts.tolist(),
+                global_step=step,
+            )
+        rates = stats["fire_rate"].cpu().tolist()
+        writer.add_figure("val/fire_rate_by_depth", figures.fire_rate_by_depth(names, rates), step)
+        if self._picture_sample is not None:
+            fig = figures.spike_time_maps(self._picture_sample, names, "first validation sample")
+            writer.add_figure("val/spike_time_maps", fig, step)
 
     def on_test_epoch_end(self) -> None:
         self._log_spike_stats("test")

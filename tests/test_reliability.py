@@ -16,6 +16,7 @@ from dta_ttfs.cli import cli_main
 from dta_ttfs.engines import simulate
 from dta_ttfs.errors import UserError
 from dta_ttfs.models import build_network, network_from_checkpoint
+from dta_ttfs.report import main as report_main
 from dta_ttfs.stages import SNNStage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +278,8 @@ def test_crafted_pickles_are_refused_everywhere(trained, capsys, tmp_path):
         simulate(str(evil), torch.rand(1, 1, 28, 28), engine="event")
     with pytest.raises(UserError, match="refusing"):
         network_from_checkpoint(str(evil))
+    assert report_main([str(evil), "--out", str(tmp_path / "report"), "--no-download"]) == 2
+    assert "refusing to load" in capsys.readouterr().err
     with pytest.raises(UserError, match="refusing"):
         SNNStage(ann_checkpoint=str(evil)).load_ann_checkpoint()
     assert not marker.exists()
