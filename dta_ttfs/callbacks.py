@@ -5,12 +5,14 @@
   then moves it into place, so a crash never leaves a truncated ``last.ckpt``.
 * :class:`InterruptCheckpoint` - on SIGTERM or Ctrl-C (only those) saves a checkpoint that
   ``fit --ckpt_path`` continues from.
+* :class:`PredictionCSV` - ``predict`` writes a CSV row per sample in the run's log folder.
 * :class:`ResumeRNGState` - carries the torch, numpy and python RNG states in checkpoints
   so that resuming at an epoch boundary repeats the uninterrupted run exactly.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import tempfile
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -131,3 +133,40 @@ class ResumeRNGState(Callback):
                 "an exact repeat)"
             )
             self._restore()  # on_train_epoch_start is not called for a mid-epoch restart
+
+
+class PredictionCSV(BasePredictionWriter):
+    """``predict`` writes one row per sample to ``predictions.csv`` in the run's log folder.
+
+    Columns: the sample's name (file name, or ``test/<index>``), then whatever the module's
+    ``predict_step`` returns per sample (the predicted class and the engine's statistics).
+    Under several processes each rank writes ``predictions.rank<r>.csv``.
+    """
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = Path(trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self.path = folder / f"predictions{suffix}.csv"
+        self._header_written = False
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not isinstance(prediction, dict):
+            return
+        names = getattr(trainer.datamodule, "predict_names", None)
+        columns = list(prediction)
+        rows = zip(*[prediction[c].tolist() for c in columns])
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if not self._header_written:
+                writer.writerow(["sample", *columns])
+                self._header_written = True
+            for index, row in zip(batch_indices, rows):
+                writer.writerow([names[index] if names else index, *row])
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(f"predictions written to {self.path}")

@@ -20,7 +20,13 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from dta_ttfs.callbacks import AtomicCheckpointIO, InterruptCheckpoint, ResumeRNGState, StageCheckpoint
+from dta_ttfs.callbacks import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    PredictionCSV,
+    ResumeRNGState,
+    StageCheckpoint,
+)
 from dta_ttfs.data import TTFSDataModule
 from dta_ttfs.errors import UserError
 from dta_ttfs.models import ArchSpec
@@ -122,6 +128,7 @@ class TTFSCLI(LightningCLI):
             StageCheckpoint(dirpath=ckpt_dir),
             InterruptCheckpoint(dirpath=ckpt_dir),
             ResumeRNGState(),
+            PredictionCSV(),
             LearningRateMonitor(logging_interval="epoch"),
         ]
         logger = cfg.trainer.get("logger")

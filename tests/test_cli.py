@@ -237,3 +237,31 @@ def test_logged_val_acc_equals_an_independent_validation(in_work):
     again = cli_main(["validate", "-c", cfg("mnist/ann.yaml"), *tiny_flags(in_work["data"]), "--ckpt_path", ann_last])
     assert abs(again.trainer.callback_metrics["val/acc"].item() - logged) <= 1e-6
     assert again.model.acc["train"]["train/acc"] is not again.model.acc["val"]["val/acc"]
+
+
+def test_predict_writes_one_csv_row_per_sample(in_work, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from dta_ttfs.engines import simulate
+
+    snn_last = str(in_work["work"] / "checkpoints/mnist_cnn_snn/last.ckpt")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    images = torch.rand(5, 28, 28)
+    for i, img in enumerate(images):
+        Image.fromarray((img * 255).round().byte().numpy(), mode="L").save(folder / f"digit{i}.png")
+    cli = cli_main(
+        ["predict", "-c", cfg("mnist/snn.yaml"), *tiny_flags(in_work["data"]), "--ckpt_path", snn_last,
+         "--model.engine", "stepwise", "--data.predict_dir", str(folder)]
+    )  # fmt: skip
+    path = Path(cli.trainer.log_dir) / "predictions.csv"
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["sample"] for r in rows] == [f"digit{i}.png" for i in range(5)]
+    x = ((images * 255).round() / 255).unsqueeze(1)  # what the PNG files hold
+    expected = simulate(snn_last, x, engine="stepwise", dt=1 / 64)
+    assert [int(r["prediction"]) for r in rows] == expected.predictions.tolist()
+    assert [int(r["sops"]) for r in rows] == expected.sops.tolist()
+    assert {"spikes", "latency", "energy_uj", "prediction_first_spike"} <= set(rows[0])
