@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from dta_ttfs.errors import UserError
-from dta_ttfs.functional import dta_spike_time, spiked
+from dta_ttfs.functional import dta_spike_time, to_spike_times
 from dta_ttfs.layers import DTAConv, DTALinear, EncodingConv, Flatten, Readout, SpikePool
 from dta_ttfs.models import Network, network_from_checkpoint
 
@@ -81,15 +81,6 @@ class EngineOutput:
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _spike_times(a: Tensor) -> Tensor:
-    """Activation -> spike time under the one predicate (spiked iff ``a > 0``).
-
-    Unlike ``1 - a`` alone, a tiny ``a > 0`` keeps a time below 1 instead of rounding to 1.
-    """
-    t = (1.0 - a).clamp(max=_BELOW_ONE)  # (B, ...) in [0, 1)
-    return torch.where(spiked(a), t, torch.full_like(a, float("inf")))
-
-
 def _inside_window(t: Tensor) -> Tensor:
     """Keep a finite spike time below 1 (a computed spike stays a spike under float32 rounding)."""
     return torch.where(torch.isfinite(t), t.clamp(max=_BELOW_ONE), t)
@@ -148,7 +139,7 @@ def _check_input(model: Network, x: Tensor) -> None:
 # --------------------------------------------------------------------------- proxy and event
 def _run_proxy(model: Network, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     logits, acts = model.trace(x)  # (B, K), L x (B, ...) activations
-    return logits, [_spike_times(a) for a in acts]
+    return logits, [to_spike_times(a) for a in acts]
 
 
 def _run_event(model: Network, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -156,7 +147,7 @@ def _run_event(model: Network, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     spike_times, t, logits = [], None, None
     for block in model.blocks:
         if isinstance(block, EncodingConv):
-            t = _spike_times(block(x))  # (B, C, H, W) t = 1 - clamp(conv(x), 0, 1), inf = silent
+            t = to_spike_times(block(x))  # (B, C, H, W) t = 1 - clamp(conv(x), 0, 1), inf = silent
         elif isinstance(block, (DTAConv, DTALinear)):
             mask = t < 1  # (B, ...) spiked inputs
             time_sum = block.synaptic(torch.where(mask, t, torch.zeros_like(t)))  # S

@@ -22,9 +22,25 @@ def spiked(a: Tensor) -> Tensor:
     return a > 0
 
 
+def spike_mask(a: Tensor) -> Tensor:
+    """:func:`spiked` as a float tensor (1.0 / 0.0, dtype of ``a``), for ``W = w . 1[a > 0]``.
+
+    Computed as ``ceil(clamp(a, 0, 1))``, which is 1 exactly when ``a > 0``: the same predicate,
+    without a branchy boolean pass and a cast (about 4x faster on CPU).
+    """
+    return a.clamp(0.0, 1.0).ceil_()
+
+
 def to_spike_times(a: Tensor) -> Tensor:
-    """Activation -> relative spike time: ``t = 1 - a`` if ``a > 0`` else ``+inf``."""
-    return torch.where(spiked(a), 1.0 - a, torch.full_like(a, float("inf")))
+    """Activation -> relative spike time: ``t = 1 - a`` if ``a > 0`` else ``+inf``.
+
+    ``1 - a`` is kept below 1 (the largest float under 1), so a tiny ``a > 0`` stays a spike
+    under rounding: the predicate "spiked iff a > 0 iff t < 1" holds in floating point.
+    """
+    below_one = torch.nextafter(
+        torch.ones((), dtype=a.dtype, device=a.device), torch.zeros((), dtype=a.dtype, device=a.device)
+    )
+    return torch.where(spiked(a), (1.0 - a).clamp(max=below_one), torch.full_like(a, float("inf")))
 
 
 def to_activations(t: Tensor) -> Tensor:
@@ -33,17 +49,24 @@ def to_activations(t: Tensor) -> Tensor:
 
 
 class _ReLU1(torch.autograd.Function):
-    """``a = clamp(z, 0, 1)`` with gradient only where ``0 < z < 1`` (strictly)."""
+    """``a = clamp(z, 0, 1)`` with gradient only where ``0 < z < 1`` (strictly).
+
+    The backward mask is recovered from the saved output: ``0 < z < 1`` exactly when
+    ``a = clamp(z, 0, 1)`` is not a whole number, i.e. ``ceil(frac(a)) = 1``.
+    """
 
     @staticmethod
     def forward(ctx, z: Tensor) -> Tensor:
-        ctx.save_for_backward((z > 0) & (z < 1))
-        return z.clamp(0.0, 1.0)
+        a = z.clamp(0.0, 1.0)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(a)
+        return a
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (inside,) = ctx.saved_tensors
-        return grad * inside
+        (a,) = ctx.saved_tensors
+        inside = a.frac().ceil_()  # 1.0 where 0 < a < 1 (a = 0 or 1 has no fractional part)
+        return inside.mul_(grad)
 
 
 def relu1(z: Tensor) -> Tensor:
@@ -103,19 +126,65 @@ def dta_backward(
     return grad * d_drive, grad * d_wsum
 
 
+def _dta_fused(
+    drive: Tensor, weight_sum: Tensor, cap: float | None, need_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`dta_forward` and, if ``need_grad``, the clipped local derivatives of
+    :func:`dta_backward`, with the same values (tested bit for bit), in branch-free arithmetic.
+
+    Boolean masks and ``torch.where`` on data-dependent masks are slow on CPU (mispredicted
+    branches, about 25x an addition), so the regions are 0/1 floats computed exactly:
+
+    * ``floor(clamp(I, 0, 1))`` is 1 iff ``I >= 1`` (fires at the window start);
+    * ``ceil(clamp(W + I, 0, 1))`` is 1 iff ``W + I > 0``, i.e. ``I > -W`` (a float sum has the
+      sign of the exact sum), so ``active = 1[W + I > 0] * (1 - 1[I >= 1])``;
+    * ``1 + W`` is clamped below to the smallest normal number: that changes no positive value
+      (the smallest positive ``1 + W`` is ``eps / 2``), and where ``1 + W <= 0`` (then ``I < 1``
+      implies ``W + I < 0``) the clamped ratio ``(W + I) / tiny`` is negative, so ``a = 0``;
+    * ``a = max(clamp((W + I) / (1 + W), 0, 1), 1[I >= 1])``: inside the active region the ratio
+      is already in ``[0, 1]``, for ``I >= 1`` and ``1 + W > 0`` it is ``>= 1``, and for
+      ``I <= -W`` it is ``<= 0``.
+
+    Returns ``(a, da/dI, da/dW)``; the derivatives are ``None`` when ``need_grad`` is false.
+    Only fresh temporaries are modified in place, never the inputs.
+    """
+    tiny = torch.finfo(drive.dtype).tiny
+    num = weight_sum + drive  # W + I
+    den = (weight_sum + 1.0).clamp_min_(tiny)  # 1 + W where positive
+    at_start = drive.clamp(0.0, 1.0).floor_()  # 1[I >= 1]
+    a = (num / den).clamp_(0.0, 1.0)
+    torch.maximum(a, at_start, out=a).add_(0.0)  # + 0.0 turns -0.0 into 0.0
+    if not need_grad:
+        return a, None, None
+    active = num.clamp_(0.0, 1.0).ceil_().mul_(at_start.neg_().add_(1.0))  # 1[-W < I < 1]
+    d_drive = active.div_(den)  # 1 / (1 + W) in the active region, else 0
+    d_wsum = (1.0 - drive).mul(d_drive).mul_(d_drive)  # (1 - I) / (1 + W)^2 (out of place: broadcasting)
+    if cap is not None:
+        d_drive.clamp_(-cap, cap)
+        d_wsum.clamp_(-cap, cap)
+    return a, d_drive, d_wsum
+
+
 class DTAFunction(torch.autograd.Function):
-    """Autograd wrapper: forward :func:`dta_forward`, backward :func:`dta_backward`."""
+    """Autograd wrapper: forward :func:`dta_forward`, backward :func:`dta_backward`.
+
+    The local derivatives are computed in the forward pass from the intermediates it already
+    has (and only when a gradient is needed), so the backward pass is two multiplications.
+    """
 
     @staticmethod
     def forward(ctx, drive: Tensor, weight_sum: Tensor, cap: float | None) -> Tensor:
-        ctx.save_for_backward(drive, weight_sum)
-        ctx.cap = cap
-        return dta_forward(drive, weight_sum)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        a, d_drive, d_wsum = _dta_fused(drive, weight_sum, cap, need_grad)
+        if need_grad:
+            ctx.save_for_backward(d_drive, d_wsum)
+        return a
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        drive, weight_sum = ctx.saved_tensors
-        grad_drive, grad_wsum = dta_backward(grad, drive, weight_sum, ctx.cap)
+        d_drive, d_wsum = ctx.saved_tensors
+        grad_drive = grad * d_drive if ctx.needs_input_grad[0] else None
+        grad_wsum = grad * d_wsum if ctx.needs_input_grad[1] else None
         return grad_drive, grad_wsum, None
 
 

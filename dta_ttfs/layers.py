@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dta_ttfs.functional import DEFAULT_CAP, dta, relu1, spiked
+from dta_ttfs.functional import DEFAULT_CAP, dta, relu1, spike_mask
 
 
 class _Synaptic:
@@ -107,7 +107,7 @@ class _DTA:
     cap: float | None = DEFAULT_CAP
 
     def forward(self, a: Tensor) -> Tensor:
-        mask = spiked(a).to(torch.float32)  # detached by construction (a bool cast)
+        mask = spike_mask(a.detach())  # 1.0 iff a > 0 (the one predicate), no gradient
         drive = self.synaptic(a)  # I
         weight_sum = self.synaptic(mask)  # W
         return dta(drive, weight_sum, self.cap)

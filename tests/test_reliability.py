@@ -43,7 +43,8 @@ def flags(data_dir, epochs=1, batches=3, **extra) -> list[str]:
 def tree_hashes(folder: Path) -> dict[str, str]:
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
 
 
 def error_lines(capsys) -> list[str]:
@@ -110,7 +111,11 @@ def test_rng_state_is_what_makes_resume_exact(tiny_cifar, cifar_no_md5, tmp_path
 # ------------------------------------------------------------------ interruption
 def _cli_process(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
