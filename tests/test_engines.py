@@ -374,7 +374,7 @@ def _memory_growth(engine: str, n: int) -> int:
     """
     torch.set_num_threads(1)
     model = _random_net("cnn")
-    x = _images((1, 28, 28), 32)
+    x = _images((1, 28, 28), 128)  # a working set of tens of MiB, well above allocator noise
 
     def simulate(inputs, steps):
         if engine == "time_axis":
