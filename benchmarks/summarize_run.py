@@ -62,7 +62,10 @@ def main() -> None:
     dm.setup("test")
     before = evaluate(snn.net.eval(), dm.test_dataloader(), "proxy", 1 / 64, progress=False)
 
-    timings_file = args.run_dir / "timings.json"
+    timings = {}
+    for name in ("timings.json", "timings_snn.json"):  # timings_snn.json: a later SNN-only rerun
+        if (args.run_dir / name).exists():
+            timings.update(json.loads((args.run_dir / name).read_text()))
     summary = {
         "dataset": args.dataset,
         "arch": args.arch,
@@ -73,7 +76,7 @@ def main() -> None:
         "best_val_acc": {stage: max(v for _, v in fit[stage]["val/acc"]) for stage in fit},
         "epochs": {stage: len(fit[stage].get("epoch", [])) and int(max(v for _, v in fit[stage]["epoch"])) + 1
                    for stage in fit},
-        "timings_s": json.loads(timings_file.read_text()) if timings_file.exists() else None,
+        "timings_s": timings or None,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
