@@ -18,6 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# The tests are many tiny workloads on a 2-core machine: one intra-op thread per process (this
+# one and the CLI subprocesses, which inherit the variable) avoids OpenMP oversubscription, which
+# made small ops up to 10x slower whenever two processes ran at once. DDP sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_MNIST_TRAIN = 300
 TINY_MNIST_TEST = 100
