@@ -125,14 +125,19 @@ def test_signal_mid_epoch_leaves_a_resumable_checkpoint(sig, tiny_mnist, tmp_pat
     args = ["fit", "-c", cfg("mnist/ann.yaml"), *flags(tiny_mnist, epochs=1000, batches=1.0),
             "--data.batch_size", "1", "--trainer.limit_val_batches", "1"]  # fmt: skip
     proc = _cli_process(args, tmp_path)
-    ckpt_dir = tmp_path / "checkpoints/mnist_cnn_ann"
-    deadline = time.time() + 300
-    while not (ckpt_dir / "last.ckpt").exists() and time.time() < deadline:  # first epoch done
-        time.sleep(0.2)
-    assert (ckpt_dir / "last.ckpt").exists(), "the first epoch did not finish within 300 s"
-    time.sleep(1.0)  # well inside the next epoch (250 steps of batch 1)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        ckpt_dir = tmp_path / "checkpoints/mnist_cnn_ann"
+        deadline = time.time() + 300
+        while not (ckpt_dir / "last.ckpt").exists() and time.time() < deadline:  # first epoch done
+            time.sleep(0.2)
+        assert (ckpt_dir / "last.ckpt").exists(), "the first epoch did not finish within 300 s"
+        time.sleep(1.0)  # well inside the next epoch (250 steps of batch 1)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a 1000-epoch run behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode != 0, out
     saved = sorted(ckpt_dir.glob("interrupted-epoch*-step*.ckpt"))
     assert len(saved) == 1, out
