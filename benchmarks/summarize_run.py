@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dta_ttfs.data import TTFSDataModule  # noqa: E402
 from dta_ttfs.report import evaluate  # noqa: E402
+from dta_ttfs.serialization import safe_load  # noqa: E402
 from dta_ttfs.stages import SNNStage  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--arch", default="cnn", help="the architecture's name in the run's folder names")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -56,7 +57,9 @@ def main() -> None:
             tests[key] = {tag.split("/", 1)[1]: v[-1][1] for tag, v in s.items() if tag.startswith("test/")}
 
     # the ANN weights as an SNN, before fine-tuning, on the test split (proxy = event decisions)
-    snn = SNNStage(arch=args.arch, ann_checkpoint=str(args.run_dir / f"checkpoints/{name}_ann/last.ckpt"))
+    ann_ckpt = args.run_dir / f"checkpoints/{name}_ann/last.ckpt"
+    arch = safe_load(ann_ckpt)["hyper_parameters"]["arch"]  # a name or a custom spec
+    snn = SNNStage(arch=arch, ann_checkpoint=str(ann_ckpt))
     snn.load_ann_checkpoint()
     dm = TTFSDataModule(dataset=args.dataset, data_dir=args.data_dir, download=False, eval_batch_size=500)
     dm.setup("test")
