@@ -29,19 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import _cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from dta_ttfs.functional import dta, spike_mask, spiked
 from dta_ttfs.models import build_network
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def forward_two(layer, a):
