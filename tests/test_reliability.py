@@ -109,6 +109,12 @@ def test_rng_state_is_what_makes_resume_exact(tiny_cifar, cifar_no_md5, tmp_path
 
 
 # ------------------------------------------------------------------ interruption
+def _default_signals() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it ignored; a user's
+    # Ctrl-C reaches a foreground process whose SIGINT is not ignored, which is what we test.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli_process(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), *args],
@@ -116,6 +122,7 @@ def _cli_process(args: list[str], cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_signals,
     )
 
 
