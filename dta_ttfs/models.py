@@ -84,9 +84,7 @@ class ArchSpec:
             )
         for c in convs:
             if not (c == "M" or (isinstance(c, int) and not isinstance(c, bool) and c > 0)):
-                raise UserError(
-                    f"malformed architecture spec: conv entry {c!r} is neither a positive int nor 'M'"
-                )
+                raise UserError(f"malformed architecture spec: conv entry {c!r} is neither a positive int nor 'M'")
         if not isinstance(convs[0], int):
             raise UserError("malformed architecture spec: 'convs' must start with a conv width (the encoding layer)")
         if not isinstance(linears, (list, tuple)) or not all(

@@ -64,6 +64,7 @@ class TTFSStage(pl.LightningModule):
         self.arch_name = ArchSpec.parse(arch).name
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+
         def accuracy(split: str) -> MetricCollection:
             acc = {"acc": MulticlassAccuracy(num_classes, average="micro")}
             if num_classes > 10:
@@ -195,9 +196,7 @@ class SNNStage(TTFSStage):
                 for s in ("val", "test")
             }
         )
-        self.first_spike_acc = SplitDict(
-            {s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")}
-        )
+        self.first_spike_acc = SplitDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})
 
     # ------------------------------------------------------------------ hand-off
     def load_ann_checkpoint(self, path: str | None = None) -> None:
@@ -223,7 +222,8 @@ class SNNStage(TTFSStage):
             if problems:
                 raise UserError(
                     f"ANN checkpoint {path!r} does not match this SNN ({self.arch_name}, "
-                    f"{self.hparams.num_classes} classes): " + "; ".join(problems)
+                    f"{self.hparams.num_classes} classes): "
+                    + "; ".join(problems)
                     + "; use the same arch/dataset as the ANN stage"
                 )
         elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -236,7 +236,8 @@ class SNNStage(TTFSStage):
             if len(given) != len(wanted) or problems:
                 raise UserError(
                     f"state_dict {path!r} does not match this SNN by layer order: {len(given)} tensors vs "
-                    f"{len(wanted)} weights" + (f"; shape mismatches: {'; '.join(problems)}" if problems else "")
+                    f"{len(wanted)} weights"
+                    + (f"; shape mismatches: {'; '.join(problems)}" if problems else "")
                     + "; use weights of the same architecture"
                 )
             state = {wk: gv for (_, gv), (wk, _) in zip(given, wanted)}
