@@ -264,10 +264,7 @@ def main(argv=None):
         "layers": rows,
         "sum_of_medians_ms": summary,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    _write_report(args.out, report)
 
 
 def main_functional(args):
@@ -299,7 +296,12 @@ def main_functional(args):
         "layers": rows,
         "sum_of_medians_ms": summary,
     }
-    out = Path(args.out)
+    _write_report(args.out, report)
+
+
+
+def _write_report(path: str, report: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
