@@ -299,7 +299,6 @@ def main_functional(args):
     _write_report(args.out, report)
 
 
-
 def _write_report(path: str, report: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
